@@ -229,6 +229,12 @@ pub struct CoordinatorArgs {
     /// Continue from the newest checkpoint in this directory.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// TLS certificate chain of the coordinator (PEM); enables TLS together with --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key of the coordinator (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -271,6 +277,20 @@ pub struct WorkerArgs {
     /// Attempts to reach the coordinator before giving up.
     #[arg(long, default_value_t = 30)]
     pub connect_attempts: u32,
+    /// CA certificate (PEM) that signed the coordinator's certificate; enables TLS
+    /// (use an https:// address).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Server name expected in the coordinator's certificate.
+    #[arg(long, default_value = "localhost")]
+    pub tls_domain: String,
+    /// Synthetic workload only: sample count of every client, in place of the seeded one.
+    #[arg(long)]
+    pub samples: Option<u64>,
+    /// Fault injection for tests: sleep this long in every local update, in milliseconds,
+    /// to act as a slow client.
+    #[arg(long, default_value_t = 0)]
+    pub train_delay_ms: u64,
 }
 
 #[derive(Debug, Args)]

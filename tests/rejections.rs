@@ -330,3 +330,116 @@ async fn bad_uploads_are_rejected_and_model_unchanged() {
         assert!(log.contains(reason), "no log line with reason {reason}");
     }
 }
+
+async fn leave(worker: &mut Worker) {
+    let request = pb::LeaveRequest {
+        worker_id: worker.id,
+        session: worker.session.clone(),
+        reason: "test done".into(),
+    };
+    let _ = timeout(CALL_TIMEOUT, worker.client.leave(request)).await;
+}
+
+/// Runs two rounds in which both clients send the largest finite f32 for every parameter,
+/// under the given extra coordinator flags; returns the final parameters.
+async fn run_hostile_rounds(extra: &[&str]) -> Vec<f32> {
+    let dir = tempfile::tempdir().unwrap();
+    let port_file = dir.path().join("port");
+    let checkpoints = dir.path().join("checkpoints");
+    let out = dir.path().join("out");
+    let mut args = vec![
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--port-file",
+        port_file.to_str().unwrap(),
+        "--model",
+        MODEL,
+        "--clients",
+        "2",
+        "--workers",
+        "2",
+        "--rounds",
+        "2",
+        "--max-shard-elems",
+        "500",
+        "--checkpoint-dir",
+        checkpoints.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let mut coordinator = Process::spawn("coordinator", &args, dir.path());
+    let port = wait_for_port(&port_file, Duration::from_secs(30));
+    let address = format!("http://127.0.0.1:{port}");
+    let layout = ShardLayout::new(
+        vec![
+            TensorSpec::new("w", [40, 50]),
+            TensorSpec::new("b", [50]),
+            TensorSpec::new("s", []),
+        ],
+        500,
+    )
+    .unwrap();
+
+    let mut workers = vec![
+        join(&address, "worker-a", 0, 5).await,
+        join(&address, "worker-b", 1, 7).await,
+    ];
+    for round in 1..=2u64 {
+        for (client, worker) in workers.iter_mut().enumerate() {
+            let task = task(worker).await;
+            assert_eq!(task.round, round);
+            let shards: Vec<(u32, Vec<f32>)> = task.clients[0]
+                .shard_ids
+                .iter()
+                .map(|&id| (id, vec![f32::MAX; layout.shard(id).unwrap().len()]))
+                .collect();
+            let mut messages = upload(worker, round, client as u32, [5, 7][client], &shards);
+            if let Some(pb::update_chunk::Part::Header(header)) = messages[0].part.as_mut() {
+                header.model_version = task.model_version;
+            }
+            send(worker, messages)
+                .await
+                .expect("finite hostile update is accepted");
+        }
+    }
+    for worker in &mut workers {
+        leave(worker).await;
+    }
+    let status = coordinator.wait(Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "coordinator failed:\n{}",
+        read_log(dir.path(), "coordinator")
+    );
+    let log = read_log(dir.path(), "coordinator");
+    assert!(
+        log.contains("shard left unchanged"),
+        "overflow not logged:\n{log}"
+    );
+    fedcompress_coordinator::Checkpoint::load_latest(&checkpoints)
+        .unwrap()
+        .params
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_updates_keep_model_finite() {
+    let variants: [&[&str]; 4] = [
+        &[],
+        &["--aggregation", "median"],
+        &["--aggregation", "trimmed:0.2"],
+        &["--server-momentum", "0.9"],
+    ];
+    for extra in variants {
+        let params = run_hostile_rounds(extra).await;
+        assert!(
+            params.iter().all(|v| v.is_finite()),
+            "{extra:?}: the model holds a non-finite value"
+        );
+        assert!(
+            params.iter().any(|v| *v != 0.0),
+            "{extra:?}: the first round should have applied"
+        );
+    }
+}

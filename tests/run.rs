@@ -245,3 +245,16 @@ fn run_rejects_inconsistent_settings() {
         );
     }
 }
+
+#[test]
+fn run_rejects_unknown_config_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(&config, "model = \"mlp\"\nroundz = 3\n").unwrap();
+    let stderr = expect_usage_error(&["run", "--config", config.to_str().unwrap()]);
+    assert!(
+        stderr.contains("roundz"),
+        "unknown key not named:\n{stderr}"
+    );
+    assert!(stderr.contains("run.toml"), "file not named:\n{stderr}");
+}

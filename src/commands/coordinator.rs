@@ -6,6 +6,7 @@ use anyhow::Context;
 use fedcompress_coordinator::{Checkpoint, RunHooks};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tonic::transport::{Identity, ServerTlsConfig};
 use tracing::info;
 
 use crate::UsageError;
@@ -41,12 +42,26 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         crate::report::write_atomically(path, address.port().to_string().as_bytes())?;
     }
 
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |path: &std::path::PathBuf, flag: &str| {
+                std::fs::read(path).map_err(|e| {
+                    UsageError(format!("failed to read {flag} {}: {e}", path.display()))
+                })
+            };
+            let identity = Identity::from_pem(read(cert, "--tls-cert")?, read(key, "--tls-key")?);
+            Some(ServerTlsConfig::new().identity(identity))
+        }
+        _ => None,
+    };
+
     let mut metrics = MetricsWriter::create(&settings.out, args.resume.is_some())?;
     let (events, mut receiver) = mpsc::unbounded_channel();
     let hooks = RunHooks {
         evaluator: prepared.evaluator.clone(),
         events: Some(events),
         resume,
+        tls,
         ..RunHooks::default()
     };
     let started = Instant::now();

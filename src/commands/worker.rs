@@ -1,24 +1,46 @@
 //! `fedcompress worker`: joins a coordinator and trains the clients it hosts.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
+use fedcompress_core::{ClientId, Mask, TensorSpec};
 use fedcompress_model::{Backend, ModelKind, Partition, load_data, partition};
 use fedcompress_worker::burn::BurnUpdate;
 use fedcompress_worker::retry::RetryPolicy;
-use fedcompress_worker::{LocalUpdate, SyntheticUpdate, WorkerConfig};
+use fedcompress_worker::{LocalSettings, LocalUpdate, SyntheticUpdate, WorkerConfig};
+use tonic::transport::{Certificate, ClientTlsConfig};
 use tracing::info;
 
 use crate::UsageError;
 use crate::cli::WorkerArgs;
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    let workload = build_workload(&args)?;
+    let mut workload = build_workload(&args)?;
+    if args.train_delay_ms > 0 {
+        workload = Arc::new(Delayed {
+            inner: workload,
+            delay: Duration::from_millis(args.train_delay_ms),
+        });
+    }
+    let tls = match &args.tls_ca {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                UsageError(format!("failed to read --tls-ca {}: {e}", path.display()))
+            })?;
+            Some(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(pem))
+                    .domain_name(args.tls_domain.clone()),
+            )
+        }
+        None => None,
+    };
     let config = WorkerConfig {
         coordinator: args.coordinator.clone(),
         name: args.name.clone(),
         token: args.token.clone(),
-        tls: None,
+        tls,
         retry: RetryPolicy {
             attempts: args.connect_attempts.max(1),
             ..RetryPolicy::default()
@@ -41,7 +63,14 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
 
 fn build_workload(args: &WorkerArgs) -> anyhow::Result<Arc<dyn LocalUpdate>> {
     if args.model == "synthetic" {
-        return Ok(Arc::new(SyntheticUpdate::new(&args.clients, args.seed)));
+        let workload = match args.samples {
+            Some(samples) => SyntheticUpdate::with_samples(
+                args.clients.iter().map(|&c| (c, samples)).collect(),
+                args.seed,
+            ),
+            None => SyntheticUpdate::new(&args.clients, args.seed),
+        };
+        return Ok(Arc::new(workload));
     }
     let kind: ModelKind = args
         .model
@@ -81,4 +110,31 @@ fn build_workload(args: &WorkerArgs) -> anyhow::Result<Arc<dyn LocalUpdate>> {
         Arc::new(train),
         partitions,
     )))
+}
+
+/// A workload that sleeps before each local update: a slow client for fault tests.
+struct Delayed {
+    inner: Arc<dyn LocalUpdate>,
+    delay: Duration,
+}
+
+impl LocalUpdate for Delayed {
+    fn clients(&self) -> Vec<(ClientId, u64)> {
+        self.inner.clients()
+    }
+
+    fn check_model(&self, kind: &str, tensors: &[TensorSpec]) -> anyhow::Result<()> {
+        self.inner.check_model(kind, tensors)
+    }
+
+    fn train(
+        &self,
+        client: ClientId,
+        params: &[f32],
+        mask: &Mask,
+        settings: &LocalSettings,
+    ) -> anyhow::Result<Vec<f32>> {
+        std::thread::sleep(self.delay);
+        self.inner.train(client, params, mask, settings)
+    }
 }

@@ -6,6 +6,7 @@ pub mod assign;
 pub mod codec;
 pub mod layout;
 pub mod mask;
+pub mod prune;
 pub mod traffic;
 
 pub use aggregate::{
@@ -15,6 +16,10 @@ pub use assign::{Assignment, AssignmentError, AssignmentPolicy};
 pub use codec::{CodecError, Quantization, UpdateEncoding, checksum};
 pub use layout::{LayoutError, Shard, ShardLayout, TensorSpec};
 pub use mask::Mask;
+pub use prune::{
+    Compaction, PruneError, PruneSchedule, PruneScope, PruneTarget, Structure, StructuredGroup,
+    kept_units, magnitude_mask, structured_mask,
+};
 pub use traffic::{Direction, TrafficCounters, TrafficSnapshot};
 
 /// Identifier of a client (a private data partition), unique in a run.

@@ -7,6 +7,7 @@ pub mod codec;
 pub mod layout;
 pub mod mask;
 pub mod prune;
+pub mod sparse;
 pub mod traffic;
 
 pub use aggregate::{
@@ -20,6 +21,7 @@ pub use prune::{
     Compaction, PruneError, PruneSchedule, PruneScope, PruneTarget, Structure, StructuredGroup,
     kept_units, magnitude_mask, structured_mask,
 };
+pub use sparse::{SparseError, SparseModel, decode_sparse, encode_sparse};
 pub use traffic::{Direction, TrafficCounters, TrafficSnapshot};
 
 /// Identifier of a client (a private data partition), unique in a run.

@@ -5,7 +5,7 @@ pub mod burn;
 mod download;
 pub mod retry;
 pub mod update;
-mod upload;
+pub mod upload;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -136,6 +136,37 @@ pub struct RunSettingsArgs {
     /// Shared secret that workers must present when they join.
     #[arg(long, env = "FEDCOMPRESS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Prune to this final sparsity, in [0, 1) (fraction of weights set to zero).
+    #[arg(long)]
+    pub target_sparsity: Option<f64>,
+    /// Prune until this many prunable (weight) parameters are kept.
+    #[arg(long)]
+    pub target_params: Option<usize>,
+    /// Pruning schedule: `gradual` (cubic, Zhu and Gupta 2017) or `one_shot`.
+    #[arg(long)]
+    pub prune_schedule: Option<String>,
+    /// Sparsity the gradual schedule starts from, in [0, 1).
+    #[arg(long)]
+    pub prune_initial: Option<f64>,
+    /// Round of the first pruning step.
+    #[arg(long)]
+    pub prune_start: Option<u64>,
+    /// Rounds between gradual pruning steps.
+    #[arg(long)]
+    pub prune_every: Option<u64>,
+    /// Number of gradual pruning steps.
+    #[arg(long)]
+    pub prune_steps: Option<u64>,
+    /// Magnitude threshold: `global` (across layers) or `per_layer`.
+    #[arg(long)]
+    pub prune_scope: Option<String>,
+    /// Also prune biases and scalars (off by default).
+    #[arg(long)]
+    pub prune_biases: bool,
+    /// Structured pruning: `neurons` (mlp) or `channels` (cnn); the exported compact model is
+    /// truly smaller.
+    #[arg(long)]
+    pub structure: Option<String>,
 }
 
 macro_rules! override_fields {
@@ -186,8 +217,26 @@ impl RunSettingsArgs {
                 tol,
                 patience,
                 token,
+                prune_schedule,
+                prune_initial,
+                prune_start,
+                prune_every,
+                prune_steps,
+                prune_scope,
             ]
         );
+        if self.prune_biases {
+            config.prune_biases = true;
+        }
+        if self.target_sparsity.is_some() {
+            config.target_sparsity = self.target_sparsity;
+        }
+        if self.target_params.is_some() {
+            config.target_params = self.target_params;
+        }
+        if self.structure.is_some() {
+            config.structure = self.structure.clone();
+        }
         if self.data_dir.is_some() {
             config.data_dir = self.data_dir.clone();
         }

@@ -9,6 +9,11 @@ use anyhow::Context;
 use fedcompress_coordinator::{RoundSummary, RunOutcome};
 use serde::Serialize;
 
+use fedcompress_core::prune::{Compaction, kept_units};
+use fedcompress_core::{ShardLayout, TensorSpec, encode_sparse};
+use safetensors::{Dtype, tensor::TensorView};
+
+use crate::commands::prepare::Prepared;
 use crate::settings::{ModelChoice, RunConfig};
 
 /// Appends one JSON object per round to `metrics.jsonl`.
@@ -47,6 +52,8 @@ pub struct Report {
     pub rounds: u64,
     pub params_total: usize,
     pub params_kept: usize,
+    /// Parameters of the compact dense model after structured pruning.
+    pub params_compact: Option<usize>,
     pub sparsity: f64,
     pub bytes_up: u64,
     pub bytes_down: u64,
@@ -65,12 +72,11 @@ pub struct Report {
 pub fn write_outputs(
     out: &Path,
     config: &RunConfig,
-    model: &ModelChoice,
+    prepared: &Prepared,
     outcome: &RunOutcome,
     wall_seconds: f64,
-    data: Option<String>,
-    client_samples: BTreeMap<u32, u64>,
 ) -> anyhow::Result<Report> {
+    let model = &prepared.model;
     fs::create_dir_all(out)
         .with_context(|| format!("failed to create output directory {}", out.display()))?;
     let mut files = BTreeMap::new();
@@ -88,6 +94,25 @@ pub fn write_outputs(
         files.insert("model.safetensors".to_string(), file_size(&path));
     }
 
+    let tensors = model.tensors();
+    let metadata = BTreeMap::from([("fedcompress.model".to_string(), model.kind_name())]);
+    let sparse = encode_sparse(&tensors, &outcome.params, &outcome.mask, &metadata);
+    let path = out.join("model.sparse");
+    write_atomically(&path, &sparse)?;
+    files.insert("model.sparse".to_string(), sparse.len() as u64);
+
+    let mut params_compact = None;
+    if let Some(groups) = prepared.prune.as_ref().and_then(|p| p.groups.as_ref()) {
+        let layout = ShardLayout::new(tensors.clone(), usize::MAX)?;
+        let units = kept_units(&layout, &outcome.mask, groups)?;
+        let compaction = Compaction::new(&layout, groups, &units)?;
+        let values = compaction.gather(&outcome.params);
+        let path = out.join("model-compact.safetensors");
+        write_safetensors(&path, compaction.tensors(), &values, &metadata)?;
+        files.insert("model-compact.safetensors".to_string(), file_size(&path));
+        params_compact = Some(compaction.total_elems());
+    }
+
     let last = outcome.history.last();
     let report = Report {
         final_accuracy: last.and_then(|s| s.accuracy),
@@ -95,14 +120,15 @@ pub fn write_outputs(
         rounds: outcome.rounds,
         params_total: outcome.params.len(),
         params_kept: outcome.mask.count_kept(),
+        params_compact,
         sparsity: outcome.mask.sparsity(),
         bytes_up: outcome.traffic.bytes_up,
         bytes_down: outcome.traffic.bytes_down,
         convergence_reason: outcome.reason.to_string(),
         wall_seconds,
         model: model.kind_name(),
-        data,
-        client_samples,
+        data: prepared.data.clone(),
+        client_samples: prepared.client_samples.clone(),
         files,
         config: config.clone(),
     };
@@ -110,6 +136,35 @@ pub fn write_outputs(
     let text = serde_json::to_string_pretty(&report).expect("report serializes");
     write_atomically(&path, text.as_bytes())?;
     Ok(report)
+}
+
+/// Writes named f32 tensors as a safetensors file in PyTorch's layout.
+fn write_safetensors(
+    path: &Path,
+    tensors: &[TensorSpec],
+    values: &[f32],
+    metadata: &BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut views = Vec::new();
+    let mut offset = 0;
+    for tensor in tensors {
+        let len = tensor.numel() * 4;
+        let view = TensorView::new(
+            Dtype::F32,
+            tensor.shape.clone(),
+            &bytes[offset..offset + len],
+        )
+        .with_context(|| format!("invalid tensor `{}`", tensor.name))?;
+        views.push((tensor.name.clone(), view));
+        offset += len;
+    }
+    let mut header: std::collections::HashMap<String, String> =
+        metadata.clone().into_iter().collect();
+    header.insert("format".into(), "pt".into());
+    let file = safetensors::serialize(views, Some(header))
+        .with_context(|| format!("failed to encode {}", path.display()))?;
+    write_atomically(path, &file)
 }
 
 fn file_size(path: &Path) -> u64 {

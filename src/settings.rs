@@ -3,7 +3,14 @@
 use std::path::{Path, PathBuf};
 
 use fedcompress_coordinator::{CompressionConfig, CoordinatorConfig, LocalConfig};
-use fedcompress_core::{AggregationRule, AssignmentPolicy, Quantization, ServerStep, TensorSpec};
+use std::sync::Arc;
+
+use fedcompress_coordinator::prune::{PruneMode, SchedulePruner};
+use fedcompress_core::prune::{self, PruneScope, Structure, StructuredGroup};
+use fedcompress_core::{
+    AggregationRule, AssignmentPolicy, PruneSchedule, PruneTarget, Quantization, ServerStep,
+    ShardLayout, TensorSpec,
+};
 use fedcompress_model::{ModelKind, Partition};
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +53,27 @@ pub struct RunConfig {
     pub patience: u32,
     pub target_accuracy: Option<f64>,
     pub token: String,
+    /// Final sparsity of the pruning schedule, in [0, 1); `None` with no `target_params`
+    /// disables pruning.
+    pub target_sparsity: Option<f64>,
+    /// Number of prunable (weight) parameters kept at the end, in place of `target_sparsity`.
+    pub target_params: Option<usize>,
+    /// `gradual` (cubic, Zhu and Gupta 2017) or `one_shot`.
+    pub prune_schedule: String,
+    /// Sparsity of the first gradual pruning step's starting point.
+    pub prune_initial: f64,
+    /// Round of the first pruning step.
+    pub prune_start: u64,
+    /// Rounds between gradual pruning steps.
+    pub prune_every: u64,
+    /// Number of gradual pruning steps.
+    pub prune_steps: u64,
+    /// `global` (one magnitude threshold) or `per_layer`.
+    pub prune_scope: String,
+    /// Also prune biases and scalars.
+    pub prune_biases: bool,
+    /// Structured pruning: `neurons` (mlp) or `channels` (cnn); `None` prunes single weights.
+    pub structure: Option<String>,
 }
 
 impl Default for RunConfig {
@@ -84,6 +112,16 @@ impl Default for RunConfig {
             patience: 3,
             target_accuracy: None,
             token: String::new(),
+            target_sparsity: None,
+            target_params: None,
+            prune_schedule: "gradual".into(),
+            prune_initial: 0.0,
+            prune_start: 2,
+            prune_every: 1,
+            prune_steps: 5,
+            prune_scope: "global".into(),
+            prune_biases: false,
+            structure: None,
         }
     }
 }
@@ -256,6 +294,145 @@ impl RunConfig {
         };
         config.validate().map_err(|e| UsageError(e.to_string()))?;
         Ok(config)
+    }
+}
+
+/// The parts of a pruning setup the outputs need again after the run.
+#[derive(Clone, Debug)]
+pub struct PruneSetup {
+    pub pruner: Arc<SchedulePruner>,
+    /// Units groups of structured pruning, for the compact export.
+    pub groups: Option<Vec<StructuredGroup>>,
+}
+
+impl RunConfig {
+    /// Builds the pruner of the run, or `None` when no target is set.
+    pub fn prune_setup(&self, model: &ModelChoice) -> Result<Option<PruneSetup>, UsageError> {
+        let usage = |key: &str, value: &dyn std::fmt::Display, reason: &str| {
+            UsageError(format!("invalid setting `{key}` = {value}: {reason}"))
+        };
+        let layout = ShardLayout::new(model.tensors(), self.max_shard_elems)
+            .map_err(|e| UsageError(e.to_string()))?;
+        let target = match (self.target_sparsity, self.target_params) {
+            (None, None) => return Ok(None),
+            (Some(_), Some(_)) => {
+                return Err(UsageError(
+                    "invalid settings: give either `target_sparsity` or `target_params`, not both"
+                        .into(),
+                ));
+            }
+            (Some(sparsity), None) => PruneTarget::Sparsity(sparsity),
+            (None, Some(params)) => PruneTarget::Params(params),
+        };
+
+        let groups = match &self.structure {
+            None => None,
+            Some(text) => {
+                let structure: Structure = text
+                    .parse()
+                    .map_err(|e: String| usage("structure", text, &e))?;
+                if matches!(target, PruneTarget::Params(_)) {
+                    return Err(usage(
+                        "target_params",
+                        &self.target_params.unwrap_or_default(),
+                        "structured pruning takes `target_sparsity` (the fraction of units removed)",
+                    ));
+                }
+                Some(structured_groups(model, structure).ok_or_else(|| {
+                    usage(
+                        "structure",
+                        text,
+                        &format!(
+                            "the `{}` model supports {}",
+                            model.kind_name(),
+                            match model {
+                                ModelChoice::Burn(ModelKind::Mlp) => "only `neurons`",
+                                ModelChoice::Burn(ModelKind::Cnn) => "only `channels`",
+                                ModelChoice::Synthetic(_) => "no structured pruning",
+                            }
+                        ),
+                    )
+                })?)
+            }
+        };
+
+        let prunable = prune::prunable_count(&layout, self.prune_biases);
+        let sparsity = target
+            .to_sparsity(prunable)
+            .map_err(|e| UsageError(e.to_string()))?;
+        let schedule = match self.prune_schedule.as_str() {
+            "gradual" => PruneSchedule::Gradual {
+                initial: self.prune_initial,
+                target: sparsity,
+                start_round: self.prune_start,
+                every: self.prune_every,
+                steps: self.prune_steps,
+            },
+            "one_shot" => PruneSchedule::OneShot {
+                target: sparsity,
+                round: self.prune_start,
+            },
+            other => {
+                return Err(usage(
+                    "prune_schedule",
+                    &other,
+                    "expected `gradual` or `one_shot`",
+                ));
+            }
+        };
+        schedule.validate().map_err(|e| UsageError(e.to_string()))?;
+        if schedule.last_round() > self.rounds {
+            return Err(usage(
+                "prune_steps",
+                &self.prune_steps,
+                &format!(
+                    "the schedule's last pruning round {} is after the last round {}; raise --rounds or lower --prune-steps, --prune-every or --prune-start",
+                    schedule.last_round(),
+                    self.rounds
+                ),
+            ));
+        }
+        let scope: PruneScope = self
+            .prune_scope
+            .parse()
+            .map_err(|e: String| usage("prune_scope", &self.prune_scope, &e))?;
+        let mode = match &groups {
+            Some(groups) => PruneMode::Structured(groups.clone()),
+            None => PruneMode::Magnitude {
+                scope,
+                prune_biases: self.prune_biases,
+            },
+        };
+        Ok(Some(PruneSetup {
+            pruner: Arc::new(SchedulePruner {
+                layout,
+                schedule,
+                mode,
+            }),
+            groups,
+        }))
+    }
+}
+
+/// Units that structured pruning may remove: hidden neurons of the MLP, convolution
+/// channels of the CNN. Tensor indices follow `ModelKind::tensor_specs`.
+fn structured_groups(model: &ModelChoice, structure: Structure) -> Option<Vec<StructuredGroup>> {
+    let group = |out_weight, next_weight, next_in_per_unit| StructuredGroup {
+        out_weight,
+        out_bias: Some(out_weight + 1),
+        next_weight,
+        next_in_per_unit,
+    };
+    match (model, structure) {
+        // fc1 -> fc2 and fc2 -> fc3, one input column per neuron.
+        (ModelChoice::Burn(ModelKind::Mlp), Structure::Neurons) => {
+            Some(vec![group(0, 2, 1), group(2, 4, 1)])
+        }
+        // conv1 -> conv2 (5x5 kernel per input channel), conv2 -> fc1 (7x7 map per channel).
+        (ModelChoice::Burn(ModelKind::Cnn), Structure::Channels) => {
+            Some(vec![group(0, 2, 25), group(2, 4, 49)])
+        }
+        _ => None,
     }
 }
 

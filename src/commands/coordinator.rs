@@ -1,5 +1,6 @@
 //! `fedcompress coordinator`: serves one run to workers that dial in.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -59,10 +60,13 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     let (events, mut receiver) = mpsc::unbounded_channel();
     let hooks = RunHooks {
         evaluator: prepared.evaluator.clone(),
+        pruner: prepared
+            .prune
+            .as_ref()
+            .map(|p| p.pruner.clone() as Arc<dyn fedcompress_coordinator::Pruner>),
         events: Some(events),
         resume,
         tls,
-        ..RunHooks::default()
     };
     let started = Instant::now();
     let run = tokio::spawn(fedcompress_coordinator::run(
@@ -79,11 +83,9 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     let report = write_outputs(
         &settings.out,
         &settings,
-        &prepared.model,
+        &prepared,
         &outcome,
         started.elapsed().as_secs_f64(),
-        prepared.data.clone(),
-        prepared.client_samples.clone(),
     )?;
     info!(
         rounds = report.rounds,

@@ -9,7 +9,7 @@ use fedcompress_model::{Backend, load_data, partition};
 use tracing::info;
 
 use crate::UsageError;
-use crate::settings::{ModelChoice, RunConfig};
+use crate::settings::{ModelChoice, PruneSetup, RunConfig};
 
 pub struct Prepared {
     pub model: ModelChoice,
@@ -19,12 +19,14 @@ pub struct Prepared {
     pub data: Option<String>,
     /// Training samples per client, when the coordinator's side knows them.
     pub client_samples: BTreeMap<u32, u64>,
+    pub prune: Option<PruneSetup>,
 }
 
 /// Checks the settings and loads what the coordinator needs. Every failure here is bad
 /// input: a [`UsageError`].
 pub fn prepare(config: &RunConfig) -> Result<Prepared, UsageError> {
     let model = config.model()?;
+    let prune = config.prune_setup(&model)?;
     let setup = ModelSetup {
         kind: model.kind_name(),
         tensors: model.tensors(),
@@ -37,6 +39,7 @@ pub fn prepare(config: &RunConfig) -> Result<Prepared, UsageError> {
             evaluator: None,
             data: None,
             client_samples: BTreeMap::new(),
+            prune,
         });
     };
 
@@ -68,5 +71,6 @@ pub fn prepare(config: &RunConfig) -> Result<Prepared, UsageError> {
         })),
         data: Some(source.description),
         client_samples,
+        prune,
     })
 }

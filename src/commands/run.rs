@@ -1,6 +1,7 @@
 //! `fedcompress run`: a coordinator in this process and worker processes on loopback.
 
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -48,6 +49,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (events, mut receiver) = mpsc::unbounded_channel();
     let hooks = RunHooks {
         evaluator: prepared.evaluator.clone(),
+        pruner: prepared
+            .prune
+            .as_ref()
+            .map(|p| p.pruner.clone() as Arc<dyn fedcompress_coordinator::Pruner>),
         events: Some(events),
         ..RunHooks::default()
     };
@@ -85,11 +90,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let report = write_outputs(
         &settings.out,
         &settings,
-        &prepared.model,
+        &prepared,
         &outcome,
         started.elapsed().as_secs_f64(),
-        prepared.data.clone(),
-        prepared.client_samples.clone(),
     )?;
     println!(
         "done: {} rounds ({}), accuracy {}, {} of {} parameters kept, {} bytes up, {} bytes down, {:.1} s",

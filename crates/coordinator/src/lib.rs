@@ -6,6 +6,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod evaluate;
+pub mod prune;
 pub mod registry;
 mod service;
 mod state;

@@ -442,3 +442,39 @@ fn bad_token_is_rejected_and_logged() {
     cluster.add_worker("worker-0", 0, &["--token", "s3cret"]);
     cluster.wait_success(Duration::from_secs(60));
 }
+
+#[test]
+fn missed_quorum_retries_then_stops_with_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(
+        dir.path(),
+        &[
+            "--clients",
+            "2",
+            "--workers",
+            "2",
+            "--rounds",
+            "3",
+            "--quorum",
+            "2",
+            "--round-timeout-secs",
+            "1.5",
+        ],
+    );
+    cluster.add_worker("worker-0", 0, &[]);
+    // Alive (it heartbeats) but far slower than the round deadline.
+    cluster.add_worker("worker-1", 1, &["--train-delay-ms", "60000"]);
+    let status = cluster.coordinator.wait(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "a missed quorum must fail the run");
+    let log = read_log(dir.path(), "coordinator");
+    assert_eq!(
+        log.matches("round missed its quorum; running it again")
+            .count(),
+        2,
+        "expected two retries:\n{log}"
+    );
+    assert!(
+        log.contains("round 1 received 1 updates before its deadline, below the quorum of 2, after 3 attempts"),
+        "{log}"
+    );
+}

@@ -235,8 +235,9 @@ fn restarted_worker_rejoins_and_gets_its_task() {
     assert_eq!(metrics[1]["clients_answered"], 2);
 }
 
-#[test]
-fn coordinator_resumes_after_sigkill_to_same_model() {
+/// Stops the coordinator with `signal` after round 3, resumes it, and checks that the final
+/// model equals an uninterrupted run's.
+fn resume_after_signal_matches_uninterrupted_run(signal: &str) {
     let rounds = "6";
     let reference_dir = tempfile::tempdir().unwrap();
     let mut reference = Cluster::start(
@@ -261,7 +262,21 @@ fn coordinator_resumes_after_sigkill_to_same_model() {
         assert!(Instant::now() < deadline, "round 3 never finished");
         std::thread::sleep(Duration::from_millis(20));
     }
-    cluster.coordinator.kill();
+    if signal == "KILL" {
+        cluster.coordinator.kill();
+    } else {
+        let pid = cluster.coordinator.pid().to_string();
+        let sent = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = cluster.coordinator.wait(Duration::from_secs(60));
+        assert!(
+            status.success(),
+            "SIGTERM should stop the coordinator cleanly"
+        );
+    }
 
     let listen = format!("127.0.0.1:{}", cluster.port);
     let checkpoint_dir = checkpoints(dir.path());
@@ -305,6 +320,16 @@ fn coordinator_resumes_after_sigkill_to_same_model() {
             .all(|(a, b)| a.to_bits() == b.to_bits()),
         "the resumed run's model differs from the uninterrupted run's"
     );
+}
+
+#[test]
+fn coordinator_resumes_after_sigkill_to_same_model() {
+    resume_after_signal_matches_uninterrupted_run("KILL");
+}
+
+#[test]
+fn coordinator_resumes_after_sigterm_to_same_model() {
+    resume_after_signal_matches_uninterrupted_run("TERM");
 }
 
 #[test]

@@ -85,7 +85,10 @@ pub enum StopReason {
     RoundLimit,
     TargetAccuracy,
     Converged,
+    /// The coordinator was asked to stop; a `--resume` continues the run.
     Shutdown,
+    /// The run failed (for example a missed quorum) and will not continue.
+    Failed,
 }
 
 impl std::fmt::Display for StopReason {
@@ -95,6 +98,7 @@ impl std::fmt::Display for StopReason {
             Self::TargetAccuracy => "target_accuracy",
             Self::Converged => "converged",
             Self::Shutdown => "shutdown",
+            Self::Failed => "failed",
         })
     }
 }
@@ -165,8 +169,15 @@ impl Engine {
         mut self,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Result<RunOutcome, RunError> {
-        self.wait_for_clients(&mut shutdown).await?;
         let config = self.shared.config.clone();
+        if self.state.next_round > config.rounds {
+            info!(
+                rounds = config.rounds,
+                "the checkpoint already holds every round"
+            );
+            return Ok(self.finish(StopReason::RoundLimit));
+        }
+        self.wait_for_clients(&mut shutdown).await?;
         let mut reason = StopReason::RoundLimit;
 
         while self.state.next_round <= config.rounds {
@@ -192,7 +203,7 @@ impl Engine {
                                 attempts: attempt,
                             };
                             error!(%error, "stopping the run");
-                            self.finish(StopReason::Shutdown);
+                            self.finish(StopReason::Failed);
                             return Err(error);
                         }
                         warn!(
@@ -204,6 +215,12 @@ impl Engine {
                 }
             };
 
+            // A stop request discards the open round, so the model stays that of the last
+            // checkpoint and a resumed run repeats this round with every client.
+            if *shutdown.borrow() {
+                reason = StopReason::Shutdown;
+                break;
+            }
             let summary = self
                 .close_round(round, attempt, selected, updates, started)
                 .await?;

@@ -144,6 +144,19 @@ pub async fn run(
         };
 
         match task {
+            Some(pb::task_response::Outcome::Finished(finished))
+                if finished.reason == "shutdown" =>
+            {
+                // The coordinator stops to be resumed later: keep polling (bounded by the
+                // retry policy once it is gone) and join it again when it is back.
+                failures += 1;
+                if failures > config.retry.attempts {
+                    outcome.finish_reason = finished.reason;
+                    break Ok(());
+                }
+                info!("coordinator is shutting down; waiting for it to resume");
+                tokio::time::sleep(config.retry.delay(failures)).await;
+            }
             Some(pb::task_response::Outcome::Finished(finished)) => {
                 info!(reason = %finished.reason, "run finished");
                 outcome.finish_reason = finished.reason;

@@ -180,7 +180,7 @@ macro_rules! override_fields {
 }
 
 impl RunSettingsArgs {
-    /// The config file (or the defaults) with every given flag applied.
+    /// Returns the config file (or the defaults) with every given flag applied.
     pub fn resolve(&self) -> Result<RunConfig, crate::UsageError> {
         let mut config = match &self.config {
             Some(path) => RunConfig::from_file(path)?,

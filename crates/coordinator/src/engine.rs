@@ -78,7 +78,7 @@ pub struct RoundSummary {
     pub pruned: bool,
 }
 
-/// Why the run ended.
+/// Reason the run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
@@ -143,7 +143,7 @@ pub enum RunError {
     Assignment(#[from] fedcompress_core::AssignmentError),
 }
 
-/// What the engine carries from round to round (and through a checkpoint).
+/// State the engine carries from round to round and through a checkpoint.
 pub(crate) struct EngineState {
     pub next_round: u64,
     pub server_state: ServerState,

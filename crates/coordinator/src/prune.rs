@@ -7,7 +7,7 @@ use tracing::{error, info};
 
 use crate::engine::Pruner;
 
-/// What a pruning step removes.
+/// Unit that a pruning step removes.
 #[derive(Clone, Debug)]
 pub enum PruneMode {
     /// Single parameters by magnitude.

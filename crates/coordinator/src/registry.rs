@@ -44,7 +44,7 @@ pub struct Registry {
     next_id: Mutex<WorkerId>,
 }
 
-/// Why a join was rejected.
+/// Reason a join was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
     #[error("client {client} is already hosted by worker `{other}`")]

@@ -39,7 +39,7 @@ pub enum AggregateError {
     NonFiniteResult { position: usize },
 }
 
-/// How the updates of one shard combine into one.
+/// Rule that combines the updates of one shard into one.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum AggregationRule {

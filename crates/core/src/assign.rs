@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{ClientId, ShardId, ShardLayout};
 
-/// How the shards of the model are spread over the clients of a round.
+/// Policy that spreads the shards of the model over the clients of a round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum AssignmentPolicy {

@@ -62,7 +62,7 @@ pub enum CodecError {
     Trailing(usize),
 }
 
-/// How the values of a shard's update are quantized.
+/// Quantization of the values of a shard's update.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Quantization {

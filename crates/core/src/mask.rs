@@ -11,7 +11,7 @@ pub struct Mask {
 }
 
 impl Mask {
-    /// A mask that keeps every one of `len` parameters.
+    /// Returns a mask that keeps every one of `len` parameters.
     pub fn all_kept(len: usize) -> Self {
         let mut words = vec![u64::MAX; len.div_ceil(64)];
         if let Some(last) = words.last_mut() {

@@ -40,7 +40,7 @@ pub struct WorkerConfig {
     pub retry: RetryPolicy,
 }
 
-/// What a worker did in a run.
+/// Counts of a worker's run: rounds, updates and bytes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WorkerOutcome {
     pub rounds: u64,

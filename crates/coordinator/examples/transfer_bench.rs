@@ -125,6 +125,8 @@ async fn act_as_worker(address: std::net::SocketAddr) -> anyhow::Result<Vec<Roun
     let channel = Endpoint::from_shared(format!("http://{address}"))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
+        .initial_stream_window_size(fedcompress_coordinator::HTTP2_WINDOW_BYTES)
+        .initial_connection_window_size(fedcompress_coordinator::HTTP2_WINDOW_BYTES)
         .connect()
         .await
         .context("failed to connect to the coordinator")?;

@@ -303,9 +303,11 @@ mod tests {
         CoordinatorConfig::default().validate().unwrap();
     }
 
+    type Mutation = Box<dyn Fn(&mut CoordinatorConfig)>;
+
     #[test]
     fn config_rejects_inconsistent_settings() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut CoordinatorConfig)>)> = vec![
+        let cases: Vec<(&str, Mutation)> = vec![
             (
                 "quorum",
                 Box::new(|c| {

@@ -23,6 +23,10 @@ pub use update::{LocalSettings, LocalUpdate, SyntheticUpdate};
 
 use crate::retry::RetryPolicy;
 
+/// HTTP/2 flow-control window per stream and per connection, in bytes: large enough for many
+/// 1 MiB chunks in flight, as on the coordinator's side.
+const HTTP2_WINDOW_BYTES: u32 = 16 << 20;
+
 /// How long a GetTask long poll may wait on the coordinator.
 const TASK_WAIT: Duration = Duration::from_secs(10);
 
@@ -205,7 +209,9 @@ async fn connect(config: &WorkerConfig) -> Result<Channel, WorkerError> {
     let mut endpoint = Endpoint::from_shared(config.coordinator.clone())
         .map_err(|e| address_error(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .initial_stream_window_size(HTTP2_WINDOW_BYTES)
+        .initial_connection_window_size(HTTP2_WINDOW_BYTES);
     if let Some(tls) = &config.tls {
         endpoint = endpoint
             .tls_config(tls.clone())

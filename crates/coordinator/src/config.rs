@@ -26,7 +26,7 @@ impl Default for LocalConfig {
     fn default() -> Self {
         Self {
             epochs: 1,
-            lr: 0.05,
+            lr: 0.02,
             batch_size: 32,
             optimizer: "sgd".into(),
             momentum: 0.9,

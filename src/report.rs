@@ -130,7 +130,15 @@ pub fn write_outputs(
         data: prepared.data.clone(),
         client_samples: prepared.client_samples.clone(),
         files,
-        config: config.clone(),
+        config: RunConfig {
+            // The token is a secret: it stays out of files.
+            token: if config.token.is_empty() {
+                String::new()
+            } else {
+                "<redacted>".into()
+            },
+            ..config.clone()
+        },
     };
     let path: PathBuf = out.join("report.json");
     let text = serde_json::to_string_pretty(&report).expect("report serializes");

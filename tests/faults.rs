@@ -499,7 +499,7 @@ fn missed_quorum_retries_then_stops_with_error() {
         "expected two retries:\n{log}"
     );
     assert!(
-        log.contains("round 1 received 1 updates before its deadline, below the quorum of 2, after 3 attempts"),
+        log.contains("round 1 closed with 1 updates, below the quorum of 2, after 3 attempts"),
         "{log}"
     );
 }

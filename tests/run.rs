@@ -259,3 +259,79 @@ fn run_rejects_unknown_config_key() {
     );
     assert!(stderr.contains("run.toml"), "file not named:\n{stderr}");
 }
+
+/// Regression: a client whose local update failed (here it diverges to NaN) used to leave
+/// the round waiting for the whole round timeout; the worker now reports the failure and the
+/// round closes at once.
+#[test]
+fn failed_local_update_closes_round_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = subset_dir();
+    let started = std::time::Instant::now();
+    let output = run_to_end(
+        &[
+            "run",
+            "--clients",
+            "2",
+            "--workers",
+            "1",
+            "--rounds",
+            "1",
+            "--lr",
+            "1000",
+            "--round-timeout-secs",
+            "3600",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--out",
+            dir.path().join("out").to_str().unwrap(),
+            "--no-progress",
+        ],
+        Duration::from_secs(300),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("lower the learning rate"), "{stderr}");
+    assert!(stderr.contains("closed with 0 updates"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(290));
+}
+
+#[test]
+fn report_redacts_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let data = subset_dir();
+    let output = run_to_end(
+        &[
+            "run",
+            "--clients",
+            "1",
+            "--workers",
+            "1",
+            "--rounds",
+            "1",
+            "--token",
+            "very-secret-value",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--no-progress",
+        ],
+        Duration::from_secs(300),
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = std::fs::read_to_string(out.join("report.json")).unwrap();
+    assert!(
+        !text.contains("very-secret-value"),
+        "the token leaked into report.json"
+    );
+    assert_eq!(
+        read_json(&out.join("report.json"))["config"]["token"],
+        "<redacted>"
+    );
+}

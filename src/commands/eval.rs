@@ -10,6 +10,13 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
         .backend
         .parse()
         .map_err(|e: fedcompress_model::ModelError| UsageError(e.to_string()))?;
+    if args.model.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        return Err(UsageError(format!(
+            "invalid model file {}: eval reads the model.safetensors a run writes (not model.sparse or a compact model)",
+            args.model.display()
+        ))
+        .into());
+    }
     let (kind, params) = load_safetensors(&args.model).map_err(|e| UsageError(e.to_string()))?;
     let (source, _train, test) =
         load_data(args.data_dir.as_deref()).map_err(|e| UsageError(e.to_string()))?;

@@ -108,6 +108,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         report.wall_seconds
     );
     println!("outputs in {}", settings.out.display());
+    if outcome.reason == fedcompress_coordinator::StopReason::Shutdown {
+        anyhow::bail!("the run was interrupted after {} rounds", report.rounds);
+    }
     Ok(())
 }
 

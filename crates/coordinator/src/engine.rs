@@ -125,7 +125,7 @@ pub enum RunError {
         seconds: f64,
     },
     #[error(
-        "round {round} received {received} updates before its deadline, below the quorum of {quorum}, after {attempts} attempts; the run stopped"
+        "round {round} closed with {received} updates, below the quorum of {quorum}, after {attempts} attempts; the run stopped"
     )]
     QuorumMissed {
         round: u64,

@@ -284,6 +284,28 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         info!(reason = %request.reason, "worker left");
         Ok(Response::new(pb::LeaveResponse {}))
     }
+
+    #[instrument(skip_all, fields(worker_id = request.get_ref().worker_id, client_id = request.get_ref().client_id))]
+    async fn report_failure(
+        &self,
+        request: Request<pb::FailureReport>,
+    ) -> Result<Response<pb::FailureAck>, Status> {
+        let request = request.into_inner();
+        self.authenticate(request.worker_id, &request.session)?;
+        let mut guard = self.shared.round.lock().expect("round lock");
+        if let Some(round) = guard
+            .as_mut()
+            .filter(|r| r.open && r.round == request.round)
+            && round.client_worker.get(&request.client_id) == Some(&request.worker_id)
+            && !round.received.contains_key(&request.client_id)
+        {
+            round.dropped.insert(request.client_id);
+            warn!(round = request.round, reason = %request.reason, "client failed its local update; dropping it from the round");
+        }
+        drop(guard);
+        self.shared.updates.notify_one();
+        Ok(Response::new(pb::FailureAck {}))
+    }
 }
 
 impl CoordinatorService {

@@ -66,8 +66,8 @@ pub enum WorkerError {
         attempts: u32,
         source: tonic::transport::Error,
     },
-    #[error("coordinator rejected the join: {0}")]
-    JoinRejected(String),
+    #[error("join failed ({code:?}): {message}")]
+    JoinRejected { code: Code, message: String },
     #[error("the coordinator announced an unusable model: {0}")]
     Model(String),
     #[error("call `{call}` failed: {status}")]
@@ -263,7 +263,10 @@ async fn join(
     let response = client
         .join(request)
         .await
-        .map_err(|status| WorkerError::JoinRejected(status.message().to_string()))?
+        .map_err(|status| WorkerError::JoinRejected {
+            code: status.code(),
+            message: status.message().to_string(),
+        })?
         .into_inner();
 
     let spec = response
@@ -382,10 +385,13 @@ async fn run_task(
                     got = trained.len(),
                     "local update returned a wrong length; skipping the client"
                 );
+                let reason = "local update returned a wrong length";
+                report_failure(session, round, client, reason).await;
                 continue;
             }
             Err(error) => {
                 warn!(round, client_id = client, %error, "local update failed; skipping the client");
+                report_failure(session, round, client, &error.to_string()).await;
                 continue;
             }
         };
@@ -422,10 +428,26 @@ async fn run_task(
             }
             Err(status) => {
                 outcome.updates_rejected += 1;
+                report_failure(session, round, client, status.message()).await;
                 warn!(round, client_id = client, code = ?status.code(), message = status.message(), "update rejected");
             }
         }
     }
     outcome.rounds += 1;
     Ok(())
+}
+
+/// Tells the coordinator that `client` delivers nothing this round, so the round does not wait
+/// for it until the deadline. A failed report is only logged: the deadline still applies.
+async fn report_failure(session: &mut Session, round: u64, client: ClientId, reason: &str) {
+    let report = pb::FailureReport {
+        worker_id: session.worker_id,
+        session: session.session.clone(),
+        round,
+        client_id: client,
+        reason: reason.to_string(),
+    };
+    if let Err(status) = session.client.report_failure(report).await {
+        warn!(round, client_id = client, %status, "failed to report the failed client");
+    }
 }

@@ -1,6 +1,5 @@
 //! `fedcompress coordinator`: serves one run to workers that dial in.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -59,14 +58,9 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     let mut metrics = MetricsWriter::create(&settings.out, args.resume.is_some())?;
     let (events, mut receiver) = mpsc::unbounded_channel();
     let hooks = RunHooks {
-        evaluator: prepared.evaluator.clone(),
-        pruner: prepared
-            .prune
-            .as_ref()
-            .map(|p| p.pruner.clone() as Arc<dyn fedcompress_coordinator::Pruner>),
-        events: Some(events),
         resume,
         tls,
+        ..prepared.hooks(events)
     };
     let started = Instant::now();
     let run = tokio::spawn(fedcompress_coordinator::run(

@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use fedcompress_coordinator::evaluate::TestSetEvaluator;
-use fedcompress_coordinator::{Evaluator, ModelSetup};
+use fedcompress_coordinator::{Evaluator, ModelSetup, Pruner, RoundSummary, RunHooks};
 use fedcompress_model::{Backend, load_data, partition};
+use tokio::sync::mpsc;
 use tracing::info;
 
 use crate::UsageError;
@@ -20,6 +21,21 @@ pub struct Prepared {
     /// Training samples per client, when the coordinator's side knows them.
     pub client_samples: BTreeMap<u32, u64>,
     pub prune: Option<PruneSetup>,
+}
+
+impl Prepared {
+    /// Returns the run hooks for the evaluator, the pruner and the round `events` channel.
+    pub fn hooks(&self, events: mpsc::UnboundedSender<RoundSummary>) -> RunHooks {
+        RunHooks {
+            evaluator: self.evaluator.clone(),
+            pruner: self
+                .prune
+                .as_ref()
+                .map(|p| p.pruner.clone() as Arc<dyn Pruner>),
+            events: Some(events),
+            ..RunHooks::default()
+        }
+    }
 }
 
 /// Checks the settings and loads what the coordinator needs. Every failure here is bad

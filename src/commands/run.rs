@@ -1,11 +1,10 @@
 //! `fedcompress run`: a coordinator in this process and worker processes on loopback.
 
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use fedcompress_coordinator::{RoundSummary, RunHooks};
+use fedcompress_coordinator::RoundSummary;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
@@ -47,15 +46,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("failed to read the bound address")?;
     let mut metrics = MetricsWriter::create(&settings.out, false)?;
     let (events, mut receiver) = mpsc::unbounded_channel();
-    let hooks = RunHooks {
-        evaluator: prepared.evaluator.clone(),
-        pruner: prepared
-            .prune
-            .as_ref()
-            .map(|p| p.pruner.clone() as Arc<dyn fedcompress_coordinator::Pruner>),
-        events: Some(events),
-        ..RunHooks::default()
-    };
+    let hooks = prepared.hooks(events);
     let started = Instant::now();
     let shutdown = super::shutdown_signal();
     let coordinator = tokio::spawn(fedcompress_coordinator::run(

@@ -137,8 +137,8 @@ pub struct RunSettingsArgs {
     #[arg(long, env = "FEDCOMPRESS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Prune to this final sparsity, in [0, 1): the fraction of weights set to zero (biases
-    /// are not pruned unless --prune-biases); with --structure, the fraction of hidden units
-    /// removed from each layer.
+    /// are not pruned unless --prune-biases). With --structure, it is the fraction of hidden
+    /// units removed from each layer.
     #[arg(long)]
     pub target_sparsity: Option<f64>,
     /// Prune until this many prunable (weight) parameters are kept.

@@ -224,7 +224,7 @@ impl RunConfig {
             .map_err(|e: fedcompress_model::ModelError| UsageError(e.to_string()))
     }
 
-    /// The coordinator's part of the settings, validated.
+    /// Returns the coordinator's part of the settings, validated.
     pub fn coordinator_config(&self) -> Result<CoordinatorConfig, UsageError> {
         let parse_error = |key: &str, value: &str, error: String| {
             UsageError(format!("invalid setting `{key}` = {value}: {error}"))

@@ -101,7 +101,7 @@ async fn download(worker: &mut Worker, version: u64, len: usize) -> Vec<f32> {
     values
 }
 
-/// An upload message list: a header, then one dense segment per (shard, values).
+/// Builds an upload message list: a header, then one dense segment per (shard, values).
 fn upload(
     worker: &Worker,
     round: u64,
@@ -202,7 +202,8 @@ async fn bad_uploads_are_rejected_and_model_unchanged() {
     let task_b = task(&mut b).await;
     let shards_a = task_a.clients[0].shard_ids.clone();
     let shards_b = task_b.clients[0].shard_ids.clone();
-    assert!(!shards_a.is_empty() && !shards_b.is_empty());
+    assert!(!shards_a.is_empty());
+    assert!(!shards_b.is_empty());
     let before = download(&mut a, 0, layout.total_elems()).await;
 
     let good_a: Vec<(u32, Vec<f32>)> = shards_a

@@ -261,7 +261,7 @@ fn run_rejects_unknown_config_key() {
 }
 
 /// Regression: a client whose local update failed (here it diverges to NaN) used to leave
-/// the round waiting for the whole round timeout; the worker now reports the failure and the
+/// the round waiting for the whole round timeout. The worker now reports the failure, so the
 /// round closes at once.
 #[test]
 fn failed_local_update_closes_round_fast() {

@@ -8,7 +8,7 @@ pub mod worker;
 
 use tokio::sync::watch;
 
-/// A shutdown signal that turns true on Ctrl-C or SIGTERM.
+/// Returns a shutdown signal that turns true on Ctrl-C or SIGTERM.
 pub fn shutdown_signal() -> watch::Receiver<bool> {
     let (sender, receiver) = watch::channel(false);
     tokio::spawn(async move {

@@ -16,9 +16,9 @@ pub struct Prepared {
     pub model: ModelChoice,
     pub setup: ModelSetup,
     pub evaluator: Option<Arc<dyn Evaluator>>,
-    /// Which data the run uses, for logs and the report.
+    /// Description of the data the run uses, for logs and the report.
     pub data: Option<String>,
-    /// Training samples per client, when the coordinator's side knows them.
+    /// Training samples per client, when the coordinator's side can compute them.
     pub client_samples: BTreeMap<u32, u64>,
     pub prune: Option<PruneSetup>,
 }

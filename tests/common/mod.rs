@@ -72,7 +72,7 @@ impl Drop for Process {
     }
 }
 
-/// Waits until `path` holds a port number written by `--port-file`.
+/// Waits until `path` contains a port number written by `--port-file`.
 pub fn wait_for_port(path: &Path, timeout: Duration) -> u16 {
     let deadline = Instant::now() + timeout;
     loop {

@@ -1,6 +1,6 @@
 //! Round checkpoints: everything needed to continue a run after the coordinator dies.
 //!
-//! A file holds an 8-byte magic, the length of a JSON header as u64, the header, the
+//! A file contains an 8-byte magic, the length of a JSON header as u64, the header, the
 //! parameters as f32, the packed mask, the server optimizer state, and a CRC-32 of all
 //! bytes before it. Files are written to a temporary name, synced and renamed, so a crash
 //! leaves either the old or the new checkpoint, never a torn one.

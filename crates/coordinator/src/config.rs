@@ -1,4 +1,4 @@
-//! Settings of a run as the coordinator sees them.
+//! Settings of a run that the coordinator uses.
 
 use serde::{Deserialize, Serialize};
 

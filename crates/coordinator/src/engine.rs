@@ -11,8 +11,9 @@
 //!    (its worker left or missed heartbeats for `heartbeat_timeout_secs`), or at the
 //!    deadline.
 //! 4. **Quorum rule**: a round that closes with fewer updates than the quorum is run again
-//!    with a fresh selection, at most `max_round_retries` times; then the run stops with an
-//!    error that names the round, the updates received and the quorum. It never waits forever.
+//!    with a fresh selection, at most `max_round_retries` times. After that the run stops with
+//!    an error that names the round, the updates received and the quorum, so it never waits
+//!    forever.
 //! 5. **Aggregate**: per shard, the rule combines the updates of the clients that trained
 //!    it, in ascending client id order, and the server step applies the result. A shard
 //!    that nobody trained keeps its values. A round whose total sample weight is zero is

@@ -29,12 +29,12 @@ use crate::engine::{Engine, EngineState};
 use crate::service::CoordinatorService;
 use crate::state::{ModelSnapshot, Shared};
 
-/// Longest time the coordinator waits, after the last round, for workers to learn that the
+/// Maximum time the coordinator waits, after the last round, for workers to learn that the
 /// run has ended and leave.
 const LEAVE_GRACE: Duration = Duration::from_secs(10);
 
 /// HTTP/2 flow-control window per stream and per connection, in bytes. hyper's default of
-/// 1 MiB holds a single chunk, so an upload stalls on window updates; 16 MiB let a 256 MB
+/// 1 MiB fits a single chunk, so an upload stalls on window updates. 16 MiB let a 256 MB
 /// upload on loopback go from about 0.18 to 0.30 GB/s (docs/benchmarks.md).
 pub const HTTP2_WINDOW_BYTES: u32 = 16 << 20;
 
@@ -113,7 +113,7 @@ pub async fn run(
         let header = &checkpoint.header;
         if header.tensors != model.tensors || header.model_kind != model.kind {
             return Err(CoordinatorError::CheckpointMismatch(format!(
-                "it holds a `{}` model with {} tensors",
+                "it contains a `{}` model with {} tensors",
                 header.model_kind,
                 header.tensors.len()
             )));

@@ -20,7 +20,7 @@ use crate::error::ServiceError;
 use crate::registry::WorkerId;
 use crate::state::{ClientUpdate, RoundState, Shared};
 
-/// Longest a GetTask long poll is held open, whatever the worker asks for.
+/// Maximum time a GetTask long poll is held open, whatever wait the worker requests.
 const MAX_TASK_WAIT: Duration = Duration::from_secs(30);
 
 pub struct CoordinatorService {

@@ -103,7 +103,7 @@ pub struct RoundState {
 }
 
 impl RoundState {
-    /// True when every selected client has answered or was dropped.
+    /// Returns true when every selected client has uploaded or was dropped.
     pub fn complete(&self) -> bool {
         self.assignment
             .keys()

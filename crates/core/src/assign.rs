@@ -14,7 +14,7 @@ use crate::{ClientId, ShardId, ShardLayout};
 pub enum AssignmentPolicy {
     /// Every client trains and uploads every shard (plain FedAvg).
     All,
-    /// The shards are cut into one group per client of about equal size; the groups rotate
+    /// The shards are cut into one group per client of about equal size. The groups rotate
     /// by one client every round, so over N rounds every client trains every group once.
     Partition,
     /// Like `Partition`, but each group goes to this many consecutive clients.

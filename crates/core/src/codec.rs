@@ -1,7 +1,7 @@
 //! Wire codecs: checksums, f32 byte order, and the encodings of a shard's update.
 //!
-//! Every encoding describes one shard. Positions index the shard's elements; a shard with a
-//! mask carries values only for kept positions, and a decoder rejects a position the mask
+//! Every encoding describes one shard, and positions index the shard's elements. A shard with
+//! a mask carries values only for kept positions. A decoder rejects a position the mask
 //! prunes, so a pruned parameter is never updated.
 //!
 //! | encoding | bytes |
@@ -107,7 +107,7 @@ pub enum UpdateEncoding {
     Sparse(Quantization),
 }
 
-/// Encodes the update of one shard. `keep` tells, per shard element, whether it is kept;
+/// Encodes the update of one shard. `keep` returns, per shard element, whether it is kept;
 /// `None` keeps all. With `top_k` < 1 only that fraction of the kept entries with the largest
 /// magnitude is sent, and what is not sent (plus the quantization error) is added to
 /// `residual` for the next round (error feedback). `residual` has the shard's length.

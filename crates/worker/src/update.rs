@@ -61,7 +61,7 @@ impl SyntheticUpdate {
         Self { clients, seed }
     }
 
-    /// The target of `client` at parameter `index`, in [-1, 1).
+    /// Returns the target of `client` at parameter `index`, in [-1, 1).
     pub fn target(&self, client: ClientId, index: usize) -> f32 {
         let bits = mix(self.seed ^ u64::from(client) << 40, index as u64);
         ((bits >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
